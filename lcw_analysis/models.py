@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from .checks import check_choice, check_int, check_number
 from .parametrizations import CONSTRAINABLE, LCW, Centered, Standardized, constrain
 
 __all__ = [
@@ -77,12 +78,6 @@ def make_activation(name: str) -> nn.Module:
     return known[_key(name)]()
 
 
-def check_choice(param: str, value, allowed) -> None:
-    """Raise ``ValueError`` naming ``param`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{param}={value!r} is not known; expected one of {tuple(allowed)}")
-
-
 def default_gain(activation: str, norm: str = "none") -> float:
     """Default init gain (``σ_w = gain/√fan_in``); see the module docstring for the argument."""
     check_choice("norm", norm, NORMS)
@@ -99,8 +94,7 @@ def default_gain(activation: str, norm: str = "none") -> float:
 def init_weights(model: nn.Module, gain: float, init: str = "normal") -> nn.Module:
     """Draw every Linear/Conv weight from ``N(0, gain²/fan_in)`` and zero its bias."""
     check_choice("init", init, INITS)
-    if not gain > 0:
-        raise ValueError(f"gain must be > 0, got {gain}")
+    check_number("gain", gain, positive=True)
     if init == "torch":
         return model
     for module in model.modules():
@@ -182,14 +176,13 @@ def build_mlp(
     check_choice("norm", norm, NORMS)
     check_choice("init", init, INITS)
     make_activation(activation)
-    for param, value, low in (
-        ("in_features", in_features, 1),
-        ("num_classes", num_classes, 1),
-        ("depth", depth, 1),
-        ("width", width, 1),
+    for param, value in (
+        ("in_features", in_features),
+        ("num_classes", num_classes),
+        ("depth", depth),
+        ("width", width),
     ):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{param} must be an integer >= {low}, got {value!r}")
+        check_int(param, value, low=1)
     if norm in ("lcw", "lcw-simple", "centered", "ws", "lcw+bn") and (
         width < 2 or in_features < 2
     ):
