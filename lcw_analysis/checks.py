@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-__all__ = ["check_choice", "check_int", "check_number", "check_list"]
+__all__ = ["check_choice", "check_int", "check_number", "check_list", "check_network"]
 
 
 def check_choice(param: str, value, allowed: Iterable) -> None:
@@ -48,3 +48,24 @@ def check_list(param: str, value, allowed: Sequence | None = None, min_len: int 
                     f"{tuple(allowed)}"
                 )
     return list(value)
+
+
+def check_network(depth, width, activations, norms) -> None:
+    """Check the network parameters a study notebook shares: ``depth >= 1``, ``width >= 1``
+    (``>= 2`` with a zero-sum variant), every activation and norm known."""
+    from .models import NORMS, ZERO_SUM_NORMS, make_activation
+
+    check_int("depth", depth, low=1)
+    check_int("width", width, low=1)
+    for activation in check_list("activations", activations):
+        try:
+            make_activation(activation)
+        except ValueError as err:
+            raise ValueError(f"activations: {err}") from None
+    check_list("norms", norms, allowed=NORMS)
+    constrained = sorted(set(norms) & {*ZERO_SUM_NORMS, "lcw+bn"})
+    if constrained and width < 2:
+        raise ValueError(
+            f"width must be >= 2 with norms {constrained} (each weight row sums to zero), "
+            f"got width={width}"
+        )

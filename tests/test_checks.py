@@ -2,7 +2,7 @@
 
 import pytest
 
-from lcw_analysis.checks import check_choice, check_int, check_list, check_number
+from lcw_analysis.checks import check_choice, check_int, check_list, check_network, check_number
 
 
 def test_check_choice():
@@ -44,3 +44,16 @@ def test_check_list():
         check_list("norms", [])
     with pytest.raises(ValueError, match="norms contains 'ln', which is not known"):
         check_list("norms", ["lcw", "ln"], allowed=("none", "lcw"))
+
+
+def test_check_network():
+    check_network(3, 8, ["sigmoid", "gelu"], ["none", "lcw"])
+    with pytest.raises(ValueError, match="depth must be an integer >= 1, got 0"):
+        check_network(0, 8, ["sigmoid"], ["none"])
+    with pytest.raises(ValueError, match="activations: activation='sigmod' is not known"):
+        check_network(3, 8, ["sigmod"], ["none"])
+    with pytest.raises(ValueError, match="norms contains 'layer', which is not known"):
+        check_network(3, 8, ["relu"], ["layer"])
+    with pytest.raises(ValueError, match=r"width must be >= 2 with norms \['lcw\+bn'\]"):
+        check_network(3, 1, ["relu"], ["none", "lcw+bn"])
+    check_network(3, 1, ["relu"], ["none", "bn"])
