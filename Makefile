@@ -4,11 +4,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/lcw-analysis
 STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+NBVAL  := $(if $(NOTEBOOKS),--nbval-lax --sanitize-with notebooks/sanitize.cfg $(NOTEBOOKS))
 export MPLBACKEND := agg
 
-.PHONY: venv test lint unit notebooks studies report bench clean
+.PHONY: venv test lint unit notebooks studies bench clean
 
 venv: $(STAMP)
 
@@ -24,18 +26,14 @@ unit: venv
 	$(PY) -m pytest tests
 
 notebooks: venv
-ifneq ($(NOTEBOOKS),)
-	$(PY) -m pytest --nbval-lax --sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
-else
-	@echo "no study notebooks yet"
-endif
+	$(PY) -m pytest -p no:cacheprovider $(or $(NBVAL),--version)
 
 test: lint
-	$(PY) -m pytest tests $(if $(NOTEBOOKS),--nbval-lax --sanitize-with notebooks/sanitize.cfg $(NOTEBOOKS))
+	$(PY) -m pytest tests $(NBVAL)
 
 studies: venv
-	$(VENV)/bin/lcw-analysis run all --workers 2 --out runs
-	$(VENV)/bin/lcw-analysis report --out runs
+	$(CLI) run all --workers 2 --out runs; status=$$?; \
+	$(CLI) collect --out runs && $(CLI) report --out runs && exit $$status
 
 bench: venv
 	$(PY) benchmarks/run_all.py

@@ -14,6 +14,7 @@ through the reparameterization ``w = B_m v`` with a free ``v`` of ``m − 1`` en
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -40,27 +41,87 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _helmert_scale(m: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    k = torch.arange(1, m, dtype=like.dtype, device=like.device)
-    return k, torch.rsqrt(k * (k + 1))
+@functools.lru_cache(maxsize=64)
+def _helmert_constants(
+    m: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cached per size (computed in float64): ``k = 1…m−1``, ``scale_k = 1/√(k(k+1))``, the
+    scales reversed (``scale_{m−1} … scale_1``) and ``m − i`` for ``i = 0…m−1``."""
+    with torch.inference_mode(False), torch.no_grad():
+        k = torch.arange(1, m, dtype=torch.float64, device=device)
+        scale = torch.rsqrt(k * (k + 1))
+        found = (k, scale, scale.flip(0), torch.arange(m, 0, -1, dtype=torch.float64))
+        return tuple(t.to(dtype=dtype, device=device) for t in found)
+
+
+def _apply_kernel(v: torch.Tensor) -> torch.Tensor:
+    """``B_m v`` without autograd: one cumulative sum (of the reversed row) and four passes.
+
+    With ``c_0 = 0``, ``c_k = v_k/√(k(k+1))`` and suffix sums ``S_j = Σ_{k≥j} c_k``, row entry
+    ``j`` of ``B_m v`` is ``Σ_{k>j} c_k − j c_j = S_j − (j+1) c_j``. It is computed on the reversed
+    row (index ``i = m−1−j``, where the suffix sum is a prefix sum and ``j+1 = m−i``) and flipped
+    back. Suffix sums (rather than ``total − prefix``) keep each entry's rounding independent, so
+    rows sum to zero to rounding (``~eps·‖w‖``, flat in ``m``) without a centering pass.
+    """
+    n, m = v.shape[0], v.shape[1] + 1
+    _, _, scale_reversed, m_minus_i = _helmert_constants(m, v.dtype, v.device)
+    c = v.new_empty((n, m))  # reversed: c_{m−1} … c_1, c_0 = 0
+    c.select(1, -1).zero_()
+    torch.mul(v.flip(1), scale_reversed, out=c[:, :-1])
+    w = c.cumsum(1)  # S_j
+    w.addcmul_(c, m_minus_i, value=-1)
+    return w.flip(1)
+
+
+def _transpose_kernel(w: torch.Tensor) -> torch.Tensor:
+    """``B_mᵀ w`` without autograd: ``v_k = (Σ_{j<k} w_j − k w_k)/√(k(k+1))``."""
+    k, scale, _, _ = _helmert_constants(w.shape[1], w.dtype, w.device)
+    v = w[:, :-1].cumsum(1)
+    v.addcmul_(w[:, 1:], k, value=-1)
+    return v.mul_(scale)
+
+
+class _HelmertApply(torch.autograd.Function):
+    """``w = B_m v`` fused; its backward is ``B_mᵀ`` of the gradient (and vice versa below), so
+    autograd records one node instead of a dozen small ones. (The ``forward(ctx, …)`` form: the
+    ``setup_context`` form costs ~3× more Python overhead per call.)"""
+
+    @staticmethod
+    def forward(ctx, v):
+        return _apply_kernel(v)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        # Without create_graph the backward runs with grad disabled: skip a second Function.
+        return helmert_transpose(grad_w) if torch.is_grad_enabled() else _transpose_kernel(grad_w)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return _apply_kernel(tangent)
+
+
+class _HelmertTranspose(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return _transpose_kernel(w)
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        return helmert_apply(grad_v) if torch.is_grad_enabled() else _apply_kernel(grad_v)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return _transpose_kernel(tangent)
 
 
 def helmert_apply(v: torch.Tensor) -> torch.Tensor:
     """``w = B_m v`` row by row for the Helmert basis: ``(n, m−1) → (n, m)``, O(m) per row."""
-    m = v.shape[1] + 1
-    k, scale = _helmert_scale(m, v)
-    c = v * scale
-    tail = c.flip(-1).cumsum(-1).flip(-1)  # S_j = Σ_{k ≥ j} c_k
-    w = nn.functional.pad(tail, (0, 1)) - nn.functional.pad(k * c, (1, 0))
-    # Exact in real arithmetic (rows already sum to zero); removes the rounding residue.
-    return w - w.mean(dim=1, keepdim=True)
+    return _HelmertApply.apply(v)
 
 
 def helmert_transpose(w: torch.Tensor) -> torch.Tensor:
     """``v = B_mᵀ w`` row by row: ``(n, m) → (n, m−1)``; also projects ``w`` onto ``w·1 = 0``."""
-    m = w.shape[1]
-    k, scale = _helmert_scale(m, w)
-    return (w.cumsum(-1)[:, :-1] - k * w[:, 1:]) * scale
+    return _HelmertTranspose.apply(w)
 
 
 class LCW(nn.Module):
