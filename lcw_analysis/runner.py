@@ -72,6 +72,7 @@ COLLECTED_FILE = "results.csv"  # written at the top of the runs folder by colle
 PARAMS_FILE = "params.json"
 STATUS_FILE = "status.json"
 KERNEL_LOG = "kernel.log"
+KERNEL_START_RETRIES = 1  # a run that failed before any cell ran (kernel start) is retried once
 TMP_PREFIX = ".tmp-"
 RUNNER_OWNED = ("out_dir",)
 _HASH_LEN = 10
@@ -706,34 +707,22 @@ def _execute(task: dict[str, Any]) -> dict[str, Any]:
     transfer = workdir is None
     if transfer:
         workdir = tempfile.mkdtemp(prefix="lcw-run-")
-    outcome: dict[str, Any] = {"status": "ok", "error": None, "traceback": None}
-    try:
-        import nbformat
-        import papermill as pm
-
-        source = nbformat.reads(task["notebook_text"], 4) if transfer else task["notebook"]
-        threads = task.get("threads") or _worker_threads()
-        pm.execute_notebook(
-            source,
-            os.path.join(workdir, task["output_name"]),
-            parameters={**task["parameters"], "out_dir": "."},
-            kernel_name=task["kernel_name"],
-            language="python",  # studies are Python notebooks (kernelspec metadata optional)
-            progress_bar=False,
-            log_output=False,
-            execution_timeout=task.get("timeout"),
-            kernel_manager_class=_kernel_manager_class(
-                _kernel_env(threads), workdir, os.path.join(workdir, KERNEL_LOG)
-            ),
-        )
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the sweep
-        outcome["status"] = "failed"
-        if hasattr(exc, "ename") and hasattr(exc, "evalue"):
-            outcome["error"] = f"{exc.ename}: {exc.evalue}"
-            outcome["traceback"] = _ANSI.sub("", "\n".join(getattr(exc, "traceback", []) or []))
-        else:
+    outcome: dict[str, Any] = {"status": "ok", "error": None, "traceback": None, "attempts": 0}
+    for attempt in range(1 + KERNEL_START_RETRIES):
+        outcome.update(status="ok", error=None, traceback=None, attempts=attempt + 1)
+        try:
+            _papermill(task, workdir)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the sweep
+            outcome["status"] = "failed"
+            if hasattr(exc, "ename") and hasattr(exc, "evalue"):
+                outcome["error"] = f"{exc.ename}: {exc.evalue}"
+                outcome["traceback"] = _ANSI.sub("", "\n".join(getattr(exc, "traceback", []) or []))
+                break  # a cell raised: the notebook's own failure, never retried
             outcome["error"] = f"{type(exc).__name__}: {exc}"
             outcome["traceback"] = traceback.format_exc()
+            time.sleep(1.0)  # no cell ran (kernel start or transport failure): try once more
+            continue
+        break
     outcome.update(
         started=started,
         finished=_now(),
@@ -748,6 +737,30 @@ def _execute(task: dict[str, Any]) -> dict[str, Any]:
         outcome["files"] = files
         shutil.rmtree(workdir, ignore_errors=True)
     return outcome
+
+
+def _papermill(task: dict[str, Any], workdir: str) -> None:
+    import nbformat
+    import papermill as pm
+
+    if "notebook_text" in task:
+        source = nbformat.reads(task["notebook_text"], 4)
+    else:
+        source = task["notebook"]
+    threads = task.get("threads") or _worker_threads()
+    pm.execute_notebook(
+        source,
+        os.path.join(workdir, task["output_name"]),
+        parameters={**task["parameters"], "out_dir": "."},
+        kernel_name=task["kernel_name"],
+        language="python",  # studies are Python notebooks (kernelspec metadata optional)
+        progress_bar=False,
+        log_output=False,
+        execution_timeout=task.get("timeout"),
+        kernel_manager_class=_kernel_manager_class(
+            _kernel_env(threads), workdir, os.path.join(workdir, KERNEL_LOG)
+        ),
+    )
 
 
 def _pid_alive(pid: int) -> bool:

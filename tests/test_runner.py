@@ -357,7 +357,8 @@ def test_sweep_on_a_dask_local_cluster(notebooks, tmp_path, spy):
         # an address, as --scheduler gives it: the runner connects its own client
         results = run_studies("toy", grid={"n": [1, 2]}, scheduler=cluster.scheduler_address,
                               out=tmp_path, notebooks_dir=notebooks, quiet=True)
-    assert [r.status for r in results] == ["ok", "ok"] and len(spy) == 2
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    assert len(spy) == 2
     table = collect(tmp_path)
     assert sorted(table["n"]) == [1, 2, 2] and (table["status"] == "ok").all()
     for r in results:
@@ -405,3 +406,31 @@ def test_runner_module_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": ""})
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_kernel_start_failure_is_retried_once_but_cell_errors_are_not(monkeypatch, tmp_path):
+    calls = []
+
+    def flaky(task, workdir):
+        calls.append(workdir)
+        if len(calls) == 1:
+            raise RuntimeError("Kernel didn't respond in 60 seconds")
+
+    monkeypatch.setattr(runner, "_papermill", flaky)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    task = {"workdir": str(tmp_path), "notebook": "x.ipynb"}
+    outcome = runner._execute(task)
+    assert outcome["status"] == "ok" and outcome["attempts"] == 2 and len(calls) == 2
+
+    class CellError(Exception):
+        ename, evalue, traceback = "ValueError", "bad n", ["ValueError: bad n"]
+
+    def cell_fails(task, workdir):
+        calls.append(workdir)
+        raise CellError()
+
+    calls.clear()
+    monkeypatch.setattr(runner, "_papermill", cell_fails)
+    outcome = runner._execute(task)
+    assert outcome["status"] == "failed" and outcome["error"] == "ValueError: bad n"
+    assert outcome["attempts"] == 1 and len(calls) == 1
