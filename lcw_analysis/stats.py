@@ -1,26 +1,45 @@
 """Streaming accumulators: per-unit moments in float64, memory independent of the sample count.
 
-A batch is reduced immediately to ``(count, mean, var)`` per unit (two-pass mean and centered
-mean square in float64 over every axis but the unit axis) and merged into the running state with
-the pairwise update of
-Chan, Golub & LeVeque (1979)::
+A batch is reduced immediately to ``(count, mean, var)`` per unit over every axis but the unit
+axis (:func:`batch_moments`: a float64 two-pass reduction) and kept; kept batches are merged with
+the pairwise update of Chan, Golub & LeVeque (1979), generalized to many batches at once
+(:func:`combine_moments`)::
 
-    n = n_a + n_b,   δ = mean_b − mean_a
-    mean = mean_a + δ · n_b/n
-    var  = var_a · n_a/n + var_b · n_b/n + δ² · n_a n_b / n²
+    n = Σ n_k,   mean = Σ n_k mean_k / n
+    var = Σ n_k var_k / n + Σ n_k (mean_k − mean)² / n
 
-Variances are *population* variances (divide by the count, ``correction=0``). The state is two
-float64 vectors of length "number of units" and a Python int, whatever the number of samples.
+Variances are *population* variances (divide by the count, ``correction=0``). :class:`Moments`
+defers the merge: it keeps at most :data:`MAX_PENDING` reduced batches (two vectors each) and
+merges them in one vectorized operation when that bound is reached or a result is read, so its
+state is bounded by a few float64 vectors of length "number of units" whatever the number of
+samples.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["reduce_dims", "batch_moments", "Moments", "RunningMean", "summarize"]
+__all__ = [
+    "reduce_dims",
+    "batch_moments",
+    "combine_moments",
+    "Moments",
+    "RunningMean",
+    "Scratch",
+    "summarize",
+    "MAX_PENDING",
+]
 
+MAX_PENDING = 64  # reduced batches a Moments keeps before merging them
+_F64 = torch.float64
 _DIMS: dict[tuple[int, int], tuple[int, ...]] = {}
+# device types whose torch.batch_norm_update_stats failed once (use the generic reduction)
+_NO_FUSED: set[str] = set()
+_ALL_BUT_1 = {n: (0, *range(2, n)) for n in range(2, 9)}
+_FUSED_MIN = 1 << 18  # elements from which the fused kernel pays off with several threads
 
 
 def reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
@@ -33,58 +52,205 @@ def reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
     return dims
 
 
-def batch_moments(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``(count, mean, var)`` of ``x`` over ``dims`` in float64; ``count`` = values per unit."""
-    x = x.detach()
-    if not dims:  # a single sample: one value per unit
-        x, dims = x.unsqueeze(0), (0,)
-    # Two passes in float64 with in-place ops (torch.var_mean's Welford kernel is ~5x slower).
-    if x.dtype == torch.float64:
-        mean = x.mean(dims, keepdim=True)
-        dev = x - mean
-    else:
-        dev = x.to(torch.float64)
-        mean = dev.mean(dims, keepdim=True)
-        dev.sub_(mean)
+class Scratch:
+    """Reusable buffers (one flat buffer per device and dtype, as large as the largest request so
+    far, at most ``limit`` bytes), so that hooks convert or stack tensors without allocating.
+
+    Writing into memory that is already mapped and cached is several times cheaper than a fresh
+    allocation for the small tensors of a hook. A buffer is only used inside one call.
+    """
+
+    __slots__ = ("_flat", "_views", "limit")
+
+    def __init__(self, limit: int = 64 << 20) -> None:
+        self._flat: dict[tuple, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}
+        self.limit = limit
+
+    def get(self, shape: tuple[int, ...], device: torch.device,
+            dtype: torch.dtype = _F64) -> torch.Tensor | None:
+        """A tensor of ``shape`` with arbitrary content, or None if it would exceed the limit."""
+        key = (shape, device, dtype)
+        view = self._views.get(key)
+        if view is None:
+            numel = math.prod(shape)
+            if numel * dtype.itemsize > self.limit:
+                return None
+            # normal tensors even under torch.inference_mode: they are updated in place later
+            with torch.inference_mode(False):
+                flat = self._flat.get((device, dtype))
+                if flat is None or flat.numel() < numel:
+                    flat = self._flat[(device, dtype)] = torch.empty(numel, dtype=dtype,
+                                                                     device=device)
+                    self._views = {k: v for k, v in self._views.items()
+                                   if k[1:] != (device, dtype)}
+                if len(self._views) >= 64:
+                    self._views.clear()
+                view = self._views[key] = flat[:numel].view(shape)
+        return view
+
+    def clear(self) -> None:
+        self._flat.clear()
+        self._views.clear()
+
+
+def _two_pass(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance over ``dims`` in float64 (any number of kept axes)."""
+    dev = x.to(_F64, copy=True)
+    mean = dev.mean(dims, keepdim=True)
+    dev.sub_(mean)
     var = dev.square_().mean(dims)
-    units = var.numel()
-    return (x.numel() // units if units else 0), mean.reshape(var.shape), var
+    return mean.reshape(var.shape), var
+
+
+def batch_moments(
+    x: torch.Tensor, dims: tuple[int, ...], scratch: Scratch | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(count, mean, var)`` of ``x`` over ``dims`` in float64; ``count`` = values per unit.
+
+    A non-float64 ``x`` is first copied to float64 (into ``scratch`` when given), so the squares
+    of tiny values (vanishing gradients) do not underflow and the result is as exact as a float64
+    two-pass reduction of the same values. With a single unit axis the mean and the centered
+    mean square come from one fused kernel (``torch.batch_norm_update_stats``, a two-pass
+    reduction with the unit axis as its channel axis) when torch runs one intra-op thread or the
+    tensor is large (the kernel always splits its work over the threads, which costs more than
+    it saves on small tensors); otherwise from two passes of elementwise kernels.
+    """
+    x = x.detach()
+    shape = x.shape
+    ndim = len(shape)
+    if ndim >= 2 and dims == _ALL_BUT_1.get(ndim):  # (N, units, ...): the common case
+        units = shape[1]
+    else:
+        if not dims:  # a single sample: one value per unit
+            x, dims = x.unsqueeze(0), (0,)
+            shape, ndim = x.shape, ndim + 1
+        kept = [d for d in range(ndim) if d not in dims]
+        units = math.prod(shape[d] for d in kept)
+        if len(kept) != 1 or x.is_complex():
+            count = x.numel() // units if units else 0
+            if count == 0:
+                return _empty(x, [shape[d] for d in kept])
+            return (count, *_two_pass(x, dims))
+        if kept[0] != 1:  # reduce everything but axis 1
+            x = x.reshape(math.prod(shape[: kept[0]]), units, -1)
+            shape, ndim = x.shape, 3
+    numel = x.numel()
+    count = numel // units if units else 0
+    if count == 0:
+        return _empty(x, [units])
+    fused = not (_NO_FUSED and x.device.type in _NO_FUSED) and (
+        numel >= _FUSED_MIN or x.device.type != "cpu" or torch.get_num_threads() == 1)
+    if fused and x.dtype is _F64:
+        buf = x
+    else:
+        buf = None if scratch is None else scratch.get(shape, x.device)
+        buf = x.to(_F64, copy=True) if buf is None else buf.copy_(x)
+    if fused:
+        try:
+            mean, var = torch.batch_norm_update_stats(buf, None, None, 0.0)
+            return count, mean, var
+        except (RuntimeError, NotImplementedError):  # no such kernel for this device
+            _NO_FUSED.add(x.device.type)
+            if buf is x:
+                buf = x.to(_F64, copy=True)
+    rdims = _ALL_BUT_1[ndim]
+    total = buf.sum(rdims)
+    buf.sub_(total.view(-1, *[1] * (ndim - 2)), alpha=1.0 / count)
+    sq = buf.square_().sum(rdims)
+    return count, total.div_(count), sq.div_(count)
+
+
+def _empty(x: torch.Tensor, shape: list[int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """No samples: nothing to merge."""
+    empty = x.new_zeros(shape, dtype=_F64)
+    return 0, empty, empty
+
+
+def combine_moments(
+    counts: list[int], means: list[torch.Tensor], variances: list[torch.Tensor]
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Merge the moments ``(count_k, mean_k, var_k)`` of disjoint sets of samples in one
+    vectorized step (Chan's pairwise update, generalized); returns float64 ``(n, mean, var)``.
+
+    Means are combined as offsets from the first mean, so nearly equal large means lose nothing.
+    Inputs are never modified.
+    """
+    if len(counts) == 1:
+        return counts[0], means[0], variances[0]
+    n = sum(counts)
+    dev = means[0].device
+    weights = torch.tensor(counts, dtype=_F64, device=dev).div_(n).reshape(
+        -1, *([1] * means[0].ndim))
+    m = torch.stack(means).to(_F64)
+    v = torch.stack(variances).to(_F64)
+    delta = m - m[0]
+    mean_off = (weights * delta).sum(0)
+    delta.sub_(mean_off)
+    var = (weights * (v + delta.square_())).sum(0)
+    return n, mean_off.add_(m[0]), var
 
 
 class Moments:
-    """Running per-unit count, mean and population variance (float64, Chan merge).
+    """Running per-unit count, mean and population variance (float64, deferred Chan merge).
 
-    Merges never modify tensors in place, so one batch's moments may feed several accumulators.
+    :meth:`merge` only keeps the batch's moments (no tensor work); at most :data:`MAX_PENDING`
+    are kept, then merged at once; reading :attr:`count`, :attr:`mean` or :attr:`var` merges
+    what is kept. Merges never modify tensors in place, so one batch's moments may feed several
+    accumulators.
     """
 
-    __slots__ = ("count", "mean", "var")
+    __slots__ = ("_count", "_mean", "_var", "_pending")
 
     def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.var: torch.Tensor | None = None
+        self._count = 0
+        self._mean: torch.Tensor | None = None
+        self._var: torch.Tensor | None = None
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def update(self, x: torch.Tensor, dims: tuple[int, ...]) -> None:
+    def update(self, x: torch.Tensor, dims: tuple[int, ...], scratch: Scratch | None = None
+               ) -> None:
         """Reduce a batch over ``dims`` and merge it."""
-        self.merge(*batch_moments(x, dims))
+        self.merge(*batch_moments(x, dims, scratch))
 
     def merge(self, count: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         """Merge the moments ``(count, mean, var)`` of another set of samples."""
         if count <= 0:
             return
-        if self.count == 0:
-            self.count, self.mean, self.var = count, mean, var
+        pending = self._pending
+        pending.append((count, mean, var))
+        if len(pending) >= MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the kept batches into the state (done automatically when reading it)."""
+        pending = self._pending
+        if not pending:
             return
-        n = self.count + count
-        fa, fb = self.count / n, count / n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * fb
-        self.var = self.var * fa + var * fb + delta.square() * (fa * fb)
-        self.count = n
+        if self._count:
+            pending.insert(0, (self._count, self._mean, self._var))
+        counts, means, variances = zip(*pending, strict=True)
+        self._count, self._mean, self._var = combine_moments(counts, means, variances)
+        self._pending = []
+
+    @property
+    def count(self) -> int:
+        return self._count + sum(p[0] for p in self._pending)
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        self.flush()
+        return self._mean
+
+    @property
+    def var(self) -> torch.Tensor | None:
+        self.flush()
+        return self._var
 
     def numel(self) -> int:
-        """Number of tensor elements held (for memory checks)."""
-        return sum(t.numel() for t in (self.mean, self.var) if t is not None)
+        """Number of tensor elements held (for memory checks); merges what is kept first."""
+        self.flush()
+        return sum(t.numel() for t in (self._mean, self._var) if t is not None)
 
 
 class RunningMean:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lcw_analysis import build_mlp
+from lcw_analysis import recorder as recorder_module
 from lcw_analysis.recorder import COLUMNS, Recorder, probe
 
 F64 = torch.float64
@@ -523,9 +524,11 @@ def test_keep_matrix_is_capped():
             rec.begin_step(step)
             run(model, x, y, (3, 3, 18))
     mats = rec.matrices()
-    assert set(mats) == {(s, n) for s in (0, 1) for n in ("0", "2", "5", "8")}
+    # Linear/Conv outputs z, and the GroupNorm "3" output (norm sites are kept too)
+    assert set(mats) == {(s, n) for s in (0, 1) for n in ("0", "2", "3", "5", "8")}
     assert mats[(0, "0")].shape == (4, 5, 6, 6)  # channels × samples × spatial
     assert mats[(1, "8")].shape == (5, 5)  # units × samples
+    assert mats[(0, "3")].shape == (6, 5, 6, 6)
     z = model[0](x[:5]).detach()
     np.testing.assert_allclose(mats[(1, "0")], z.movedim(1, 0).numpy(), rtol=1e-12)
     with Recorder(model) as rec:
@@ -625,3 +628,134 @@ def test_vanishing_gradients_do_not_underflow():
     f = rec.frame()
     assert 1e-32 < get(f, "2.weight", "param", "grad_norm") < 1e-28
     assert (get(f, "0", "z", "grad_var") > 0).all() and get(f, "0", "z", "grad_pooled_var") > 0
+
+
+def test_keep_matrix_for_norm_sites():
+    model = make("mlp-bn")
+    x, y = data("mlp")
+    outputs = {}
+
+    def store(name):
+        def hook(module, args, out):
+            outputs.setdefault(name, []).append(out.detach().clone())
+
+        return hook
+
+    handles = [model.get_submodule(f"hidden.{i}.norm").register_forward_hook(
+        store(f"hidden.{i}.norm")) for i in range(3)]
+    with Recorder(model, keep_matrix=5) as rec:
+        run(model, x, y, (3, 21))
+    for h in handles:
+        h.remove()
+    mats = rec.matrices()
+    norms = {(0, f"hidden.{i}.norm") for i in range(3)}
+    linears = {(0, f"hidden.{i}.linear") for i in range(3)} | {(0, "head")}
+    assert set(mats) == norms | linears
+    for _, name in norms:
+        bn_out = torch.cat(outputs[name])[:5]  # the BN output that enters the activation
+        assert mats[(0, name)].shape == (8, 5)  # units × samples
+        np.testing.assert_array_equal(mats[(0, name)], bn_out.T.numpy())
+    with Recorder(model, keep_matrix=2, sites="hidden.1.norm") as rec:
+        run(model, x, y, (24,))
+    assert set(rec.matrices()) == {(0, "hidden.1.norm")}
+
+
+def test_hooks_are_on_the_model_only_in_recorded_steps():
+    model = make("mlp-none")
+    x, y = data("mlp")
+
+    def hooked():
+        return any(m._forward_hooks for m in model.modules())
+
+    with Recorder(model, every=3) as rec:
+        for step in range(5):
+            rec.begin_step(step)
+            assert hooked() == (step % 3 == 0) == rec.active
+            run(model, x, y, (24,))
+    assert not hooked()
+    assert sorted(set(rec.frame().step)) == [0, 3]
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_many_passes_in_one_step_equal_one_pass(backward, monkeypatch):
+    monkeypatch.setattr(recorder_module, "_PENDING_LIMIT", 50)  # merge kept batches often
+    model = make("mlp-lcw")
+    x, y = data("mlp", 3 * 80)
+    frames, sizes = [], []
+    for splits in ([3] * 80, [240]):  # more passes than MAX_PENDING
+        with Recorder(model) as rec:
+            if backward:
+                run(model, x, y, splits)
+            else:
+                with torch.no_grad():
+                    for chunk in x.split(splits):
+                        model(chunk)
+        frames.append(_keyed(rec.frame()))
+        sizes.append(rec.state_numel())
+    assert frames[0].index.equals(frames[1].index)
+    np.testing.assert_allclose(frames[0].to_numpy(), frames[1].to_numpy(), rtol=1e-9, atol=1e-12)
+    assert sizes[0] == sizes[1]
+
+
+def test_weight_side_is_read_before_the_optimizer_step():
+    model = make("mlp-none")
+    x, y = data("mlp")
+    twin = Twin(model)  # clones the weights at forward time
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    with Recorder(model) as rec:
+        rec.begin_step(0)
+        run(model, x, y, (24,))
+        opt.step()  # changes every weight in place
+        rec.begin_step(1)
+    twin.remove()
+    f = rec.frame()
+    f = f[f.step == 0]
+    for name in ("hidden.0.linear", "head"):
+        w, b = twin.weights[name]
+        close(get(f, name, "weight", "w_sum"), w.sum(1))
+        close(get(f, name, "weight", "bias"), b)
+        mu = twin.moments(name, "input")[0]
+        close(get(f, name, "weight", "w_dot_mu"), w @ mu)
+
+
+def test_a_paused_backward_records_no_gradients_but_keeps_the_weight_side():
+    model = make("mlp-none")
+    x, y = data("mlp")
+    w0 = model.head.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    with Recorder(model) as rec:
+        out = model(x)
+        with rec.paused():
+            F.cross_entropy(out, y).backward()
+        opt.step()
+        rec.begin_step(1)
+    f = rec.frame()
+    assert not f.stat.str.startswith("grad").any()
+    close(get(f, "head", "weight", "w_sum"), w0.sum(1))
+
+
+def test_a_weight_changed_in_place_before_backward_warns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2)).double()
+    x = torch.rand(8, 4, dtype=F64)
+    with Recorder(model):
+        out = model(x)
+        with torch.no_grad():
+            model[0].weight.add_(1.0)  # allowed: not saved for backward (x needs no grad)
+        with pytest.warns(RuntimeWarning, match="changed in place"):
+            out.sum().backward()
+
+
+def test_inference_mode_and_training_passes_with_one_recorder():
+    model = make("mlp-lcw")
+    x, y = data("mlp")
+    with Recorder(model) as rec:
+        with torch.inference_mode():
+            model(x)  # reused buffers are allocated here ...
+        run(model, x, y, (24,))  # ... and written to outside inference mode
+        rec.begin_step(1)
+        with torch.inference_mode():
+            model(x)
+    f = rec.frame()
+    assert sorted(set(f.step)) == [0, 1]
+    assert get(f[f.step == 0], "head", "z", "count") == 48  # both passes of step 0
