@@ -42,6 +42,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import weakref
@@ -711,7 +712,7 @@ def _execute(task: dict[str, Any]) -> dict[str, Any]:
     for attempt in range(1 + KERNEL_START_RETRIES):
         outcome.update(status="ok", error=None, traceback=None, attempts=attempt + 1)
         try:
-            _papermill(task, workdir)
+            _in_fresh_thread(_papermill, task, workdir)
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the sweep
             outcome["status"] = "failed"
             if hasattr(exc, "ename") and hasattr(exc, "evalue"):
@@ -737,6 +738,25 @@ def _execute(task: dict[str, Any]) -> dict[str, Any]:
         outcome["files"] = files
         shutil.rmtree(workdir, ignore_errors=True)
     return outcome
+
+
+def _in_fresh_thread(fn, *args) -> None:
+    """Call ``fn(*args)`` in a new thread and wait: papermill's synchronous wrappers then start
+    from a thread without an event loop, whatever the executor's thread carries (an in-process
+    Dask worker's threads can see an already running loop)."""
+    box: dict[str, BaseException] = {}
+
+    def target() -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"lcw-run-{os.getpid()}-{id(box)}")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
 
 
 def _papermill(task: dict[str, Any], workdir: str) -> None:
